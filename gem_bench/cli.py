@@ -1,0 +1,88 @@
+"""Entry points only.
+
+    gem-bench model=smollm2-135m task=sst2 method=gem seed=28      one run
+    gem-bench -m +experiment=table3_cpu                           a sweep (Hydra multirun)
+    gem-bench params model=opt-1.3b method=lora                   trainable share, offline
+    gem-bench report --experiment table3_cpu                      tables and figures from records
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from gem_bench.config import register_configs
+from gem_bench.errors import GemBenchError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+register_configs()
+
+
+def _fail(exc: Exception) -> None:
+    print(f"gem-bench: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _run(cfg: DictConfig) -> float | None:
+    from gem_bench import train
+    from gem_bench.records import RunBusy
+
+    choice = HydraConfig.get().runtime.choices.get("method", cfg.method.name)
+    try:
+        record = train.run(cfg, choice)
+    except RunBusy as exc:  # another sweep owns this cell: it runs once, there
+        print(f"[gem-bench] skipped: {exc}")
+        return None
+    except GemBenchError as exc:
+        _fail(exc)
+    if record and record.get("status") == "finished":
+        return record["metrics"]["test"].get(cfg.task.metric)
+    return None
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The run config for ``overrides`` without running anything (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def params_main(argv: list[str]) -> None:
+    from gem_bench.params import trainable_share
+
+    try:
+        cfg = compose(argv)
+        share = trainable_share(cfg.model, cfg.method)
+    except GemBenchError as exc:
+        _fail(exc)
+    print(
+        f"model={cfg.model.name} method={cfg.method.name} trainable={share['trainable']:,} "
+        f"total={share['total']:,} ratio={100 * share['ratio']:.3f}%"
+    )
+
+
+def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "params":
+        params_main(sys.argv[2:])
+    elif command == "report":
+        from gem_bench import report
+
+        try:
+            report.main(sys.argv[2:])
+        except GemBenchError as exc:
+            _fail(exc)
+    else:
+        _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""How many parameters a method trains on a model: the Params column of Table 3.
+
+Computed on a meta-device model (no weights, no download): instant and offline. The share is
+trainable / N with N the base model's parameter count, embeddings included.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gem_bench.config import MethodConfig, ModelConfig
+from gem_bench.errors import ConfigError
+from gem_bench.methods import METHODS
+from gem_bench.models import build_meta_model, count_parameters
+
+MASK_METHODS = ("gem", "random_mask", "topgrad_mask")  # train floor(ratio * N) entries at most
+APPLIED_METHODS = ("lora", "adalora", "adapter", "bitfit")  # counted by applying them
+
+
+def trainable_share(model_cfg: ModelConfig, method_cfg: MethodConfig) -> dict:
+    """``{"trainable", "total", "ratio"}`` for ``method_cfg`` applied to ``model_cfg``'s architecture."""
+    model = build_meta_model(model_cfg)
+    total = count_parameters(model)
+    name = method_cfg.name
+    if name == "full":
+        trainable = total
+    elif name in MASK_METHODS:
+        trainable = math.floor(method_cfg.ratio * total)
+    elif name in APPLIED_METHODS:
+        method = METHODS[name](method_cfg, model_cfg)
+        if name == "adalora":  # the rank schedule needs a length; the count does not depend on it
+            method.total_steps = method_cfg.adalora_tinit + method_cfg.adalora_tfinal + 1
+        trained = method.prepare(model)
+        trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    else:
+        choices = ("full",) + MASK_METHODS + APPLIED_METHODS
+        raise ConfigError(f"params: unknown method {name!r}; choices: {', '.join(choices)}")
+    return {"trainable": trainable, "total": total, "ratio": trainable / total}
