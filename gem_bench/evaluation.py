@@ -32,6 +32,8 @@ def predict(model: nn.Module, tokenizer: Any, task: Task, examples: list[Example
         num_samples=cfg.task.num_samples,
         temperature=cfg.task.temperature,
         seed=cfg.seed,
+        stop_strings=getattr(task, "stop_sequences", ("\n",)),
+        max_length=cfg.task.max_length,
     )
     post = getattr(task, "postprocess", str.strip)
     outputs = [[post(text) for text in per_example] for per_example in samples]

@@ -36,7 +36,8 @@ def gwr_scores(weight: Tensor, grad: Tensor, eps: float = 1e-8) -> Tensor:
     """Gradient-to-weight ratio |g| / (|w| + eps), in float32, same shape as ``weight``."""
     if weight.shape != grad.shape:
         raise ValueError(f"weight shape {tuple(weight.shape)} != gradient shape {tuple(grad.shape)}")
-    return grad.detach().float().abs() / (weight.detach().float().abs() + eps)
+    grad = grad.detach().to(weight.device, torch.float32)
+    return grad.abs() / (weight.detach().float().abs() + eps)
 
 
 def matrix_stats(scores: Tensor) -> MatrixStats:
@@ -165,17 +166,19 @@ class Selection:
         return sum(m.rho_captured for m in self.matrices.values()) / self.rho_total
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready facts for a run record."""
+        """JSON-ready facts for a run record: ``trainable`` entries of ``total`` parameters
+        (``ratio`` = trainable / total) under ``budget`` = floor(``target_ratio`` * total), the
+        share of rho they capture, and the per-matrix ``allocation``."""
         return {
-            "strategy": self.strategy,
-            "allocation": self.allocation,
-            "ratio": self.ratio,
-            "total_params": self.total_params,
+            "trainable": self.num_selected,
+            "total": self.total_params,
+            "ratio": self.num_selected / self.total_params,
+            "target_ratio": self.ratio,
             "budget": self.budget,
-            "trainable_params": self.num_selected,
-            "trainable_ratio": self.num_selected / self.total_params,
-            "captured_rho_share": self.captured_rho_share,
-            "matrices": [
+            "strategy": self.strategy,
+            "allocation_rule": self.allocation,
+            "captured_rho": self.captured_rho_share,
+            "allocation": [
                 {
                     "name": name,
                     "k": m.k,
@@ -226,20 +229,24 @@ def select(
         raise ValueError("no eligible matrices to select from")
     budget = budget_for(ratio, total_params)
 
-    rho = {name: gwr_scores(weights[name], grads[name]) for name in weights}
-    stats = {name: matrix_stats(r) for name, r in rho.items()}
+    # Two passes over rho (recomputed, cheap) so only one matrix's scores exist at a time.
+    stats, rho_total = {}, 0.0
+    for name in weights:
+        r = gwr_scores(weights[name], grads[name])
+        stats[name] = matrix_stats(r)
+        rho_total += float(r.double().sum())
     if strategy != "gem":
         allocation = "uniform"
     alphas = allocation_weights(stats, allocation)
     ks = allocate(stats, budget, allocation)
 
     matrices = {}
-    for name, r in rho.items():
-        k = ks[name]
+    for name in weights:
+        r, k = gwr_scores(weights[name], grads[name]), ks[name]
         if strategy == "gem":
             idx = topk_mask_indices(r, k)
         elif strategy == "topgrad":
-            idx = topk_mask_indices(grads[name].detach().float().abs(), k)
+            idx = topk_mask_indices(grads[name].detach().to(r.device, torch.float32).abs(), k)
         else:
             idx = random_indices(r.numel(), k, generator).to(r.device)
         matrices[name] = MatrixSelection(
@@ -251,7 +258,6 @@ def select(
             entropy=stats[name].entropy,
             rho_captured=float(r.reshape(-1)[idx].double().sum()),
         )
-    rho_total = float(sum(r.double().sum() for r in rho.values()))
     return Selection(
         strategy=strategy,
         allocation=allocation,

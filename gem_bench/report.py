@@ -33,7 +33,6 @@ import itertools
 import math
 import sys
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -84,6 +83,10 @@ RUN_AXES = ("model", "task", "method", "seed")
 NOT_SETTINGS = {"defaults", "hydra", "experiment_name"}
 
 
+# The paper's published numbers (percent), typed from its Tables 2-5: package data.
+PAPER_DIR = Path(__file__).resolve().parent / "data_files"
+
+
 class ReportError(GemBenchError):
     pass
 
@@ -101,7 +104,9 @@ class Layout:
 
 
 LAYOUTS = {
-    "table2": Layout("table", rows=("quantity", "model", "task"), column="method", quantities=("captured_rho", "score")),
+    "table2": Layout(
+        "table", rows=("quantity", "model", "task"), column="method", quantities=("captured_rho", "score")
+    ),
     "table3": Layout("table", rows=("model", "method"), column="task", avg=True, params=True),
     "table4": Layout("table", rows=("model", "task"), column="method"),
     "table5": Layout("table", rows=("model", "task"), column="method"),
@@ -194,15 +199,15 @@ def load_records(results_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+_ABSENT = object()  # a setting the record does not have (never equal to a grid value)
+
+
 def _dotted(tree: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         if not isinstance(tree, dict) or part not in tree:
             return _ABSENT
         tree = tree[part]
     return tree
-
-
-_ABSENT = object()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -250,7 +255,7 @@ def _one_variant(grid: Grid, cell: tuple, variants: dict[str, dict[int, dict]], 
         raise ConfigError(f"pick {pick!r} is not one of: error, best-dev")
 
     def dev_mean(runs: dict[int, dict]) -> float:
-        scores = [_dev_score(r) for r in runs.values() if r["status"] == "finished"]
+        scores = [_metric(r, "dev") for r in runs.values() if r["status"] == "finished"]
         return sum(scores) / len(scores) if scores else -math.inf
 
     return max(variants.values(), key=dev_mean)
@@ -259,14 +264,16 @@ def _one_variant(grid: Grid, cell: tuple, variants: dict[str, dict[int, dict]], 
 def _metric(record: dict[str, Any], split: str) -> float:
     metrics = record.get("metrics") or {}
     name = metrics.get("main_metric")
-    value = (metrics.get(split) or {}).get(name)
-    if value is None:
-        raise ReportError(f"record {record['_path']} is finished but has no metrics.{split}[{name!r}]")
-    return float(value)
-
-
-def _dev_score(record: dict[str, Any]) -> float:
-    return _metric(record, "dev")
+    values = metrics.get(split) or {}
+    if values.get(name) is None:
+        raise ReportError(
+            f"record {record['_path']} is finished but has no metrics.{split}[{name!r}] "
+            f"(it has: {', '.join(values) or 'nothing'})"
+        )
+    value = float(values[name])
+    if not 0.0 <= value <= 1.0:  # a percentage here would be shown as thousands of percent
+        raise ReportError(f"record {record['_path']}: metrics.{split}[{name!r}] = {value} is not a fraction in [0, 1]")
+    return value
 
 
 def quantity_of(record: dict[str, Any], quantity: str) -> float:
@@ -274,9 +281,11 @@ def quantity_of(record: dict[str, Any], quantity: str) -> float:
     if quantity == "score":
         return 100.0 * _metric(record, "test")
     if quantity == "captured_rho":
-        value = (record.get("method_summary") or {}).get("captured_rho")
+        summary = record.get("method_summary") or {}
+        # masking.Selection.summary() names it captured_rho_share; the record spec says captured_rho
+        value = summary.get("captured_rho_share", summary.get("captured_rho"))
         if value is None:
-            raise ReportError(f"record {record['_path']} has no method_summary.captured_rho (Table 2 needs it)")
+            raise ReportError(f"record {record['_path']} has no method_summary.captured_rho_share (Table 2 needs it)")
         return 100.0 * float(value)
     raise ConfigError(f"quantity {quantity!r} is not one of: score, captured_rho")
 
@@ -292,7 +301,7 @@ def cell_frame(grid: Grid, runs: dict[tuple, dict[int, dict]], quantities: Itera
         seeds = runs.get(cell, {})
         done = [seeds[s] for s in grid.seeds if s in seeds and seeds[s]["status"] == "finished"]
         failed = sum(1 for s in grid.seeds if s in seeds and seeds[s]["status"] != "finished")
-        ratios = [float(r["params"]["ratio"]) for r in done if (r.get("params") or {}).get("ratio") is not None]
+        ratios = [ratio for ratio in map(trained_share, done) if ratio is not None]
         variants = sorted({r["run"].get("variant", "?") for r in seeds.values()})
         for quantity in quantities:
             values = pd.Series([quantity_of(r, quantity) for r in done], dtype=float)
@@ -314,13 +323,20 @@ def cell_frame(grid: Grid, runs: dict[tuple, dict[int, dict]], quantities: Itera
     return frame
 
 
+def trained_share(record: dict[str, Any]) -> float | None:
+    """Share of all parameters trained: params.trainable / params.total, else params.ratio."""
+    params = record.get("params") or {}
+    if params.get("trainable") is not None and params.get("total"):
+        return float(params["trainable"]) / float(params["total"])
+    return None if params.get("ratio") is None else float(params["ratio"])
+
+
 def paper_numbers(artefact: str) -> pd.DataFrame:
     """The paper's published numbers for an artefact (percent), or an empty frame."""
-    source = resources.files("gem_bench") / "data_files" / f"paper_{artefact}.csv"
+    source = PAPER_DIR / f"paper_{artefact}.csv"
     if not source.is_file():
         return pd.DataFrame(columns=["model", "task", "method", "quantity", "value", "std", "params"])
-    with source.open() as handle:
-        return pd.read_csv(handle)
+    return pd.read_csv(source)
 
 
 def add_paper(frame: pd.DataFrame, artefact: str) -> pd.DataFrame:
@@ -355,7 +371,8 @@ def cell_text(row: pd.Series, paper: bool) -> tuple[str, str]:
     n, expected, failed = int(row["finished"]), int(row["expected"]), int(row["failed"])
     if n == 0:
         missing = expected - failed
-        parts = ([f"failed {failed}/{expected}"] if failed else []) + ([f"missing {missing}/{expected}"] if missing else [])
+        parts = [f"failed {failed}/{expected}"] if failed else []
+        parts += [f"missing {missing}/{expected}"] if missing else []
         return "", ", ".join(parts)
     number = f"{row['mean']:.2f}" + (f"±{row['std']:.2f}" if n > 1 else "")
     notes = []
@@ -435,7 +452,9 @@ def _avg_text(cells: list[pd.Series], paper: bool, style: str, best: bool) -> st
     return _styled(f"{ours:.2f}", note, best, style)
 
 
-def _avg_is_best(frame: pd.DataFrame, grid: Grid, layout: Layout, key: tuple, row_axes: list[str], columns: list) -> bool:
+def _avg_is_best(
+    frame: pd.DataFrame, grid: Grid, layout: Layout, key: tuple, row_axes: list[str], columns: list
+) -> bool:
     """Is this row's Avg the highest among the rows that share its model (and other non-method axes)?"""
     peers_axes = [a for a in row_axes if a != "method"]
     mine = dict(zip(row_axes, key))
@@ -488,6 +507,7 @@ def _pyplot():
     return plt
 
 
+
 def figure2_frame(grid: Grid, runs: dict[tuple, dict[int, dict]]) -> pd.DataFrame:
     """Per method and epoch: relative weight change and loss reduction averaged over finished seeds,
     each divided by its largest value over all methods (the paper's "normalized")."""
@@ -507,7 +527,8 @@ def figure2_frame(grid: Grid, runs: dict[tuple, dict[int, dict]]) -> pd.DataFram
         for epoch, (change, drop) in enumerate(zip(curves["relative_weight_change"], curves["loss_reduction"]), 1):
             rows.append({"method": cell[method_at], "epoch": epoch, "relative_weight_change": change,
                          "loss_reduction": drop, "finished": len(done), "expected": len(grid.seeds)})
-    frame = pd.DataFrame(rows, columns=["method", "epoch", "relative_weight_change", "loss_reduction", "finished", "expected"])
+    columns = ["method", "epoch", "relative_weight_change", "loss_reduction", "finished", "expected"]
+    frame = pd.DataFrame(rows, columns=columns)
     for key in ("relative_weight_change", "loss_reduction"):
         scale = frame[key].abs().max() if len(frame) else 0.0
         frame[f"{key}_normalised"] = frame[key] / scale if scale else frame[key]
@@ -529,6 +550,7 @@ def plot_figure2(frame: pd.DataFrame, grid: Grid, path: Path) -> None:
             ax.plot(curve["epoch"], curve[f"{key}_normalised"], marker="o", label=label)
         ax.set_title(title)
         ax.set_xlabel("Epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("Normalized value")
     axes[0].legend(fontsize=8)
     models = ", ".join(_label("model", m) for m in grid.axes["model"])
@@ -571,22 +593,31 @@ def _point(method: str, ratio_pct: float, cells: list[pd.Series], source: str) -
 
 def plot_figure3(points: pd.DataFrame, grid: Grid, path: Path) -> None:
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     fig, ax = plt.subplots(figsize=(6, 4))
     shown = points.dropna(subset=["average", "ratio_pct"])
     gem = shown[shown["source"] == grid.name].sort_values("ratio_pct")
     if len(gem):
         ax.plot(gem["ratio_pct"], gem["average"], marker="o", color="tab:red", label="GEM")
-        for _, p in gem.iterrows():
-            ax.annotate(f"{p['ratio_pct']:g}%", (p["ratio_pct"], p["average"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for _, p in shown[shown["source"] != grid.name].iterrows():
         ax.scatter(p["ratio_pct"], p["average"], marker="s", label=_label("method", p["method"]))
     ax.set_xscale("log")
-    ax.set_xlabel("Tunable parameters (% of all, log scale)")
+    ax.set_xticks(sorted(set(shown["ratio_pct"].round(4))))  # label the ratios that are drawn
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}%"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("Tunable parameters (share of all, log scale)")
     ax.set_ylabel(f"Average score over {len(grid.axes['task'])} tasks (%)")
     models = ", ".join(_label("model", m) for m in grid.axes["model"])
     ax.set_title(f"{models}: score vs tunable ratio ({grid.name})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    left_out = points[points["average"].isna()]
+    if len(left_out):  # say so on the figure, not only in the log
+        names = "; ".join(
+            f"{_label('method', p['method'])} {p['ratio_pct']:g}% ({p['complete_tasks']}/{p['tasks']} tasks)"
+            for _, p in left_out.iterrows()
+        )
+        fig.text(0.01, 0.01, f"Incomplete, not drawn: {names}", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04 if len(left_out) else 0, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
@@ -628,22 +659,28 @@ def build(
         points = figure3_frame(grid, runs, base, select_runs(base, records, pick, same_experiment))
         points.to_csv(data, index=False)
         for _, p in points[points["average"].isna()].iterrows():
-            print(f"{name}: {p['method']} at {p['ratio_pct']:g}% left out: {p['complete_tasks']}/{p['tasks']} tasks complete",
-                  file=sys.stderr)
+            print(
+                f"{name}: {p['method']} at {p['ratio_pct']:g}% left out: "
+                f"{p['complete_tasks']}/{p['tasks']} tasks complete",
+                file=sys.stderr,
+            )
         plot_figure3(points, grid, png)
     return [png, data]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gem-bench report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder holding runs/ (default: results)")
+    parser.add_argument(
+        "--results", type=Path, default=Path("results"), help="results folder holding runs/ (default: results)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="where tables/ and figures/ go (default: --results)")
     parser.add_argument("--configs", type=Path, default=None, help="the configs folder (default: the repository's)")
     parser.add_argument("--experiment", action="append", default=None,
-                        help="artefact(s) to build, e.g. table3_cpu (repeatable; default: every experiment with records)")
+                        help="artefact to build, e.g. table3_cpu (repeatable; default: every one with records)")
     parser.add_argument("--paper", action="store_true", help="show the paper's numbers and our difference")
     parser.add_argument("--pick", choices=["error", "best-dev"], default="error",
-                        help="when several variants (e.g. learning rates) fill one cell: fail, or keep the best mean dev score")
+                        help="when several variants (e.g. learning rates) fill one cell: fail, "
+                        "or keep the one with the best mean dev score")
     parser.add_argument("--same-experiment", action="store_true",
                         help="count only records whose run.experiment is the experiment's name")
     args = parser.parse_args(argv)
@@ -652,8 +689,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or args.results
     records = load_records(args.results)
     names = args.experiment or sorted(p.stem for p in (config_dir / "experiment").glob("*.yaml"))
+    if not names:
+        raise ConfigError(f"no experiment YAMLs in {config_dir / 'experiment'}; pass --configs <the configs folder>")
     for name in names:
         if not args.experiment:
+            if name.split("_")[0] not in LAYOUTS:
+                print(f"{name}: not a paper artefact ({', '.join(LAYOUTS)}), skipped")
+                continue
             grid = load_grid(name, config_dir)
             if not select_runs(grid, records, args.pick, args.same_experiment):
                 print(f"{name}: no records, skipped")

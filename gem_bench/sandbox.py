@@ -9,6 +9,8 @@ parent). Always:
   processes (RLIMIT_NPROC), no core files;
 - a scrubbed environment (PATH, LANG, HOME only), ``python -I`` (isolated mode: no user
   site, no PYTHON* variables, no script directory on sys.path), the program read from stdin;
+  stdout is discarded and stderr goes to an unlinked file (capped by RLIMIT_FSIZE), of which
+  the result keeps the tail;
 - the working directory is an empty temporary directory, removed afterwards.
 
 When we are root, additionally:
@@ -192,31 +194,36 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
             "nproc": limits.nproc,
             "tmpfs_bytes": limits.tmpfs_bytes,
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(settings)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={"PATH": settings["env"]["PATH"], "LANG": "C.UTF-8"},
-            cwd="/",
-            start_new_session=True,  # its own process group, killed as a whole
-        )
-        try:
-            _, err = proc.communicate(source.encode(), timeout=limits.timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        _kill_group(proc.pid)  # also whatever the program left behind in its group
-        if timed_out:
-            err = _drain(proc)
+        # stderr goes to an unlinked file, not a pipe: RLIMIT_FSIZE caps what the program can
+        # write there, and a child that escapes the group cannot keep us waiting on a pipe.
+        with tempfile.TemporaryFile() as err_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(settings)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+                env={"PATH": settings["env"]["PATH"], "LANG": "C.UTF-8"},
+                cwd="/",
+                start_new_session=True,  # its own process group, killed as a whole
+            )
+            try:
+                proc.communicate(source.encode(), timeout=limits.timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            _kill_group(proc.pid)  # also whatever the program left behind in its group
+            proc.wait()
+            err_file.seek(0)
+            head = err_file.read(256).decode(errors="replace")  # the launcher's own line, if any
+            err_file.seek(max(0, err_file.seek(0, os.SEEK_END) - 4 * STDERR_TAIL))
+            stderr = err_file.read().decode(errors="replace")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    stderr = err.decode(errors="replace")
-    isolated = root and NOT_ISOLATED not in stderr
+    isolated = root and not head.startswith(NOT_ISOLATED)
     if not isolated and not _warned_not_isolated:
         _warned_not_isolated = True
-        reason = "not running as root" if not root else stderr.split(NOT_ISOLATED, 1)[1].split("\n")[0]
+        reason = head[len(NOT_ISOLATED) :].split("\n")[0] if root else "not running as root"
         log.warning(
             "sandbox: generated programs run WITHOUT network/mount/PID isolation (%s); "
             "only rlimits, a scrubbed environment and a temporary work dir apply",
@@ -239,16 +246,6 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # already gone
-
-
-def _drain(proc: subprocess.Popen) -> bytes:
-    """stderr of a killed launcher; gives up if an escaped child still holds the pipe."""
-    try:
-        return proc.communicate(timeout=5)[1]
-    except subprocess.TimeoutExpired:
-        proc.stderr.close()
-        proc.wait()
-        return b""
 
 
 def run_programs(

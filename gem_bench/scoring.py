@@ -92,9 +92,8 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
@@ -192,6 +191,8 @@ def candidate_loss(model: nn.Module, tokenizer: Any, examples: list[Example], ma
     log-probability of its tokens (MeZO/GEM). Averaged over the examples."""
     prompts, conts, owners = [], [], []
     for i, ex in enumerate(examples):
+        if ex.label is None or not 0 <= ex.label < len(ex.candidates):
+            raise ConfigError(f"label {ex.label!r} is not a candidate index (0..{len(ex.candidates) - 1})")
         prompt_ids, cand_ids = encode(tokenizer, ex.prompt, ex.candidates, max_length)
         prompts += [prompt_ids] * len(cand_ids)
         conts += cand_ids
@@ -291,7 +292,10 @@ def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _score_one_pass(model: nn.Module, encoded: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
+Encoded = list[tuple[list[int], list[list[int]]]]  # per example: prompt ids, candidate ids
+
+
+def _score_one_pass(model: nn.Module, encoded: Encoded, pad_id: int) -> list[list[float]]:
     """Mean log-prob per candidate, the shared prompt run once.
 
     The prompt's last position gives every candidate's first token. Multi-token candidates
@@ -333,8 +337,9 @@ def _score_one_pass(model: nn.Module, encoded: list[tuple[list[int], list[list[i
     return _regroup(means, [len(cands) for _, cands in encoded])
 
 
-def _score_reference(model: nn.Module, encoded: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
-    """The plain path: one right-padded sequence per candidate, the LM head everywhere."""
+def _score_reference(model: nn.Module, encoded: Encoded, pad_id: int) -> list[list[float]]:
+    """The plain path: one right-padded sequence per candidate, the LM head everywhere
+    (a check on the fast path; its logits are rows x length x vocab, so keep batches small)."""
     device = _device(model)
     rows = [(p, c) for p, cands in encoded for c in cands]
     input_ids, mask = _right_pad([p + c for p, c in rows], pad_id)
@@ -408,9 +413,9 @@ def generate(
     """``num_samples`` continuations per prompt (only the new text, cut before the first stop
     string), in input order.
 
-    Greedy when ``temperature == 0``, else sampling at that temperature (the model's own
-    generation config gives top-k/top-p); ``seed`` fixes the sampling without touching the
-    caller's RNG. Prompts are tokenised as in scoring, left truncated to
+    Greedy when ``temperature == 0``, else sampling at that temperature (top-k/top-p come
+    from the model's generation config; transformers' default is top_k=50); ``seed`` fixes
+    the sampling without touching the caller's RNG. Prompts are tokenised as in scoring, left truncated to
     ``max_length - max_new_tokens`` when ``max_length`` is given, sorted by length and
     LEFT-padded in batches; generation stops per row at EOS or a stop string."""
     if temperature < 0:

@@ -90,6 +90,9 @@ class SparseDeltaLinear(nn.Module):
     ``delta_init="zero"`` starts the delta at zero (a correct sparse fine-tune).
     ``delta_init="weight"`` reproduces the released GEM code's quirk: the delta starts as a copy
     of the chosen weights, so those entries start at 2w.
+
+    The delta has the weight's dtype: train low-precision models with fp32 weights under
+    autocast, or small updates are lost to bf16/fp16 rounding of W + delta.
     """
 
     def __init__(
@@ -143,7 +146,9 @@ def _check_indices(indices: Tensor, numel: int) -> Tensor:
     """Flat indices as a sorted int64 tensor; rejects duplicates and out-of-range values."""
     indices = torch.as_tensor(indices)
     if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex():
-        raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}")
+        raise ValueError(
+            f"indices must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}"
+        )
     indices = torch.sort(indices.long()).values
     if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= numel):
         raise ValueError(f"indices must lie in [0, {numel}), got [{int(indices[0])}, {int(indices[-1])}]")
@@ -194,10 +199,13 @@ def attach_sparse_deltas(
     delta_init: str = "zero",
 ) -> dict[str, SparseDeltaLinear]:
     """Replace each ``nn.Linear`` named by ``indices`` (keys: weight names) with a
-    ``SparseDeltaLinear`` training the given flat entries. Returns {module name: module}."""
+    ``SparseDeltaLinear`` training the given flat entries. Matrices given no entries stay plain
+    ``nn.Linear`` (nothing to train, no overhead). Returns {module name: module}."""
     attached = {}
     for param_name, idx in indices.items():
         name = _module_name(param_name)
+        if torch.as_tensor(idx).numel() == 0:
+            continue
         module = model.get_submodule(name)
         if isinstance(module, SparseDeltaLinear):
             raise ValueError(f"{name} already has a sparse delta; detach it first")
@@ -215,6 +223,7 @@ def detach_sparse_deltas(model: nn.Module, merge: bool) -> list[str]:
     names = []
     for name, module in sparse_modules(model).items():
         base, weight_grad, bias_grad = module._base
+        base.weight, base.bias = module.weight, module.bias  # in case a conversion replaced them
         if merge:
             base.weight.view(-1)[module.indices] += module.delta.to(base.weight.dtype)
         base.weight.requires_grad_(weight_grad)
@@ -329,8 +338,9 @@ def load_sparse_delta(
     tensors, meta = read_sparse_delta(path)
     for name, shape in json.loads(meta["shapes"]).items():
         module = model.get_submodule(name)
-        if list(module.weight.shape) != shape:
-            raise ValueError(f"{name}: the file's weight shape {shape} != the model's {list(module.weight.shape)}")
+        actual = list(module.weight.shape)
+        if actual != shape:
+            raise ValueError(f"{name}: the file's weight shape {shape} != the model's {actual}")
     return load_sparse_state_dict(model, tensors, merge=merge, grad_mode=grad_mode)
 
 
@@ -373,8 +383,10 @@ def calibration_gradients(
         for batch in batches:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             loss = loss_fn(model, batch)
-            for (name, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
-                grads[name] += g.float()
+            step = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for name, g in zip(params, step):
+                if g is not None:  # None: the weight did not take part in this loss
+                    grads[name] += g.float()
             seen += 1
     finally:
         for p, flag in flags:

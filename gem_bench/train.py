@@ -29,7 +29,7 @@ from gem_bench.data import sample_splits
 from gem_bench.errors import ConfigError, GemBenchError
 from gem_bench.evaluation import evaluate
 from gem_bench.methods import METHODS
-from gem_bench.models import load_model_and_tokenizer
+from gem_bench.models import count_parameters, load_model_and_tokenizer
 from gem_bench.tasks import TASKS
 
 
@@ -88,6 +88,8 @@ def run(cfg: DictConfig, method_choice: str | None = None) -> dict[str, Any] | N
     _check_writable(Path(cfg.results_dir))
     claim = records.claim_run(directory) if main else None
     try:
+        if records.finished(directory) and not cfg.rerun:  # finished by another sweep while we looked
+            return records.read_record(directory / records.RECORD_NAME)
         return _run_claimed(cfg, method_choice, directory, accelerator)
     finally:
         if claim:
@@ -159,6 +161,7 @@ def _train_and_evaluate(
     model_seed = cfg.seed if cfg.train.vary_model_seed else cfg.train.model_seed
 
     task = TASKS[cfg.task.name](cfg.task)
+    task.data_root = cfg.data_root  # tasks that read a further split (MBPP's shots) read it from here too
     splits = sample_splits(task, cfg.task, cfg.data_root, cfg.seed)
     torch.manual_seed(model_seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cache_dir=cfg.model_cache)
@@ -170,6 +173,7 @@ def _train_and_evaluate(
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
+    total_params = count_parameters(model)
     method = METHODS[cfg.method.name](cfg.method, cfg.model, seed=cfg.seed)
     method.total_steps = total_steps  # AdaLoRA's schedule needs it
     calibration_s = 0.0
@@ -184,6 +188,7 @@ def _train_and_evaluate(
     torch.manual_seed(model_seed)
     model = method.prepare(model, calibrate if method.needs_calibration else None)
     trainable = method.trainable_parameters(model)
+    trainable_count = sum(p.numel() for p in {id(p): p for p in trainable}.values())
     if not trainable:
         raise ConfigError(f"method {cfg.method.name!r} left no trainable parameters on {cfg.model.name}")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.method.lr, weight_decay=cfg.method.weight_decay)
@@ -216,12 +221,13 @@ def _train_and_evaluate(
             loss = scoring.training_loss(model, tokenizer, batch, cfg.task.max_length, task.kind)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {state.global_step}")
-            accelerator.backward(loss)
+            extra = method.extra_loss(unwrapped(model))
+            accelerator.backward(loss if extra is None else loss + extra)
             if cfg.train.grad_clip:
                 accelerator.clip_grad_norm_(trainable, cfg.train.grad_clip)
             optimizer.step()
+            method.on_step(unwrapped(model), state.global_step + 1)
             optimizer.zero_grad(set_to_none=True)
-            method.on_step(unwrapped(model), state.global_step)
             state.batch += 1
             state.global_step += 1
             state.last_loss = float(loss.item())
@@ -276,7 +282,7 @@ def _train_and_evaluate(
             "best_epoch": state.best_epoch,
             "history": state.history,
         },
-        "params": {k: summary.pop(k) for k in ("trainable", "total", "ratio") if k in summary},
+        "params": {"trainable": trainable_count, "total": total_params, "ratio": trainable_count / total_params},
         "method_summary": summary,
         "figure2": state.figure2 or None,
         "data": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test), **splits.notes},

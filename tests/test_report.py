@@ -45,11 +45,11 @@ def write_run(results: Path, model: str, task: str, method: str, seed: int, scor
                    "method": {"name": method, "ratio": ratio, **(method_cfg or {})}, "seed": seed, "profile": profile},
         "metrics": {"main_metric": "accuracy", "test": {"accuracy": score}, "dev": {"accuracy": dev}}
         if status == "finished" else {},
-        "params": {"trainable": 10, "total": 10000, "ratio": ratio},
+        "params": {"trainable": round(ratio * 100000), "total": 100000, "ratio": ratio},
         "failure": None if status == "finished" else {"type": "FloatingPointError", "message": "nan", "step": 3},
     }
     if captured_rho is not None:
-        record["method_summary"] = {"captured_rho": captured_rho}
+        record["method_summary"] = {"captured_rho_share": captured_rho}
     if figure2 is not None:
         record["figure2"] = figure2
     write_json_atomic(path, record)
@@ -98,6 +98,13 @@ def test_means_stds_avg_and_bold(tmp_path: Path, configs: Path) -> None:
     assert "| 76.50" in lora_row and "**76.50" not in lora_row
     tex = (tmp_path / "results" / "tables" / "table3_mini.tex").read_text()
     assert r"\textbf{66.00$\pm$1.00}" in tex and r"0.100\%" in tex
+
+
+def test_trained_share_prefers_the_counts() -> None:
+    share = report.trained_share({"params": {"trainable": 27, "total": 28832, "ratio": 0.001}})
+    assert share == pytest.approx(27 / 28832)
+    assert report.trained_share({"params": {"ratio": 0.001}}) == 0.001
+    assert report.trained_share({"params": {"trainable": 1792}}) is None
 
 
 def test_missing_and_failed_cells_are_marked_never_averaged(tmp_path: Path, configs: Path) -> None:
@@ -312,3 +319,12 @@ def test_slurm_launcher_reads_local_settings() -> None:
 
     bare = OmegaConf.to_container(OmegaConf.create({"hydra": hydra, "local": None}).hydra.launcher, resolve=True)
     assert bare["partition"] is None and bare["timeout_min"] == 240 and bare["array_parallelism"] == 32
+
+
+@pytest.mark.parametrize("score, message", [(65.1, "is not a fraction"), (None, r"has no metrics.test\['accuracy'\]")])
+def test_bad_metric_values_fail_naming_the_record(tmp_path: Path, configs: Path, score, message: str) -> None:
+    full_grid(tmp_path / "results")
+    path = write_run(tmp_path / "results", "opt-125m", "rte", "gem", 28, score)
+    with pytest.raises(report.ReportError, match=message) as info:
+        run_report(tmp_path, configs)
+    assert str(path) in str(info.value)

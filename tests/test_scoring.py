@@ -158,7 +158,8 @@ def test_scoring_restores_train_mode_and_sorts_back(tokenizers):
 def test_scoring_under_peft_lora(tokenizers):
     peft = pytest.importorskip("peft")
     model, tok = make_model("llama"), tokenizers[True]
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(model, config)
     examples = multi_token_examples()
     fast = scoring.score_candidates(lora, tok, examples, batch_size=3, max_length=64)
     ref = scoring.score_candidates(lora, tok, examples, batch_size=3, max_length=64, one_pass=False)

@@ -258,6 +258,15 @@ def test_delta_init_weight_reproduces_the_released_quirk():
     assert torch.equal(zero.merged_weight(), lin.weight.detach())
 
 
+def test_matrices_without_entries_stay_plain_linear():
+    model = tiny_llama()
+    indices = random_indices(model, k=5)
+    empty = "model.layers.1.self_attn.q_proj.weight"
+    indices[empty] = torch.empty(0, dtype=torch.long)
+    attached = sparse.attach_sparse_deltas(model, indices)
+    assert len(attached) == 3 and type(model.get_submodule(empty[: -len(".weight")])) is nn.Linear
+
+
 def test_bad_arguments_are_named():
     model = tiny_llama()
     indices = random_indices(model, k=5)

@@ -1,6 +1,10 @@
 """AdaLoRA (Zhang et al. 2023) through PEFT: SVD-shaped updates P diag(E) Q whose ranks are pruned
 from ``adalora_init_r`` towards an average of ``adalora_target_r`` per module during training.
 
+AdaLoRA's loss has an orthogonality penalty on P and Q. PEFT adds it only to a loss the model
+computes itself (when ``labels`` are passed); a runner with its own loss (candidate
+cross-entropy) adds ``orthogonal_regularization(model)`` to it.
+
 The rank budget follows a schedule over the whole run, so the runner must say how long the run
 is before ``prepare``: ``method.total_steps = <number of optimizer steps>``. It must also call
 ``on_step(model, global_step)`` after every ``optimizer.step()`` and before ``zero_grad()``: the
@@ -9,14 +13,19 @@ importance scores read the gradients.
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from peft import AdaLoraConfig, PeftConfig, TaskType
 from torch import nn
 
 from gem_bench.errors import ConfigError
 from gem_bench.methods.base import CalibrationFn, register_method
 from gem_bench.methods.lora import LoRA
+
+RANK_PATTERN = "rank_pattern:"  # key prefix of the rank masks inside a state dict
 
 
 @register_method
@@ -56,20 +65,56 @@ class AdaLoRA(LoRA):
         return peft_model
 
     def on_step(self, model: nn.Module, global_step: int) -> None:
+        """``global_step``: optimizer steps done so far (1 after the first), so that the last step,
+        ``total_steps``, fixes the final ranks when ``tfinal`` is 0."""
         model.base_model.update_and_allocate(global_step)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable tensors plus the rank pattern they were masked with, so that a restored
+        (e.g. best-epoch) state is saved with its own pruned ranks."""
+        state = super().state_dict(model)
+        pattern = model.peft_config[model.active_adapter].rank_pattern or {}
+        state.update({RANK_PATTERN + k: torch.tensor(v, dtype=torch.bool) for k, v in pattern.items()})
+        return state
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        pattern = {k.removeprefix(RANK_PATTERN): v.tolist() for k, v in state.items() if k.startswith(RANK_PATTERN)}
+        super().load_state_dict(model, {k: v for k, v in state.items() if not k.startswith(RANK_PATTERN)})
+        model.peft_config[model.active_adapter].rank_pattern = pattern or None
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor:
+        return self.orthogonal_regularization(model)
+
+    @staticmethod
+    def orthogonal_regularization(model: nn.Module) -> torch.Tensor:
+        """orth_reg_weight x mean over P, Q of ||P P^T - I||_F (resp. Q^T Q): PEFT's term."""
+        adapter = model.active_adapter
+        terms = []
+        for n, p in model.base_model.model.named_parameters():
+            if f"lora_A.{adapter}" in n or f"lora_B.{adapter}" in n:
+                cov = p @ p.T if ".lora_A." in n else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(len(cov), device=cov.device, dtype=cov.dtype)))
+        return model.peft_config[adapter].orth_reg_weight * torch.stack(terms).mean()
 
     @staticmethod
     def rank_allocation(model: nn.Module) -> dict[str, int]:
-        """Current rank of every adapted module (``init_r`` everywhere until the first pruning)."""
+        """Current rank of every adapted module, by its name in the transformers model
+        (``init_r`` everywhere until the first pruning)."""
         config = model.peft_config[model.active_adapter]
-        pattern = config.rank_pattern
-        if pattern:
-            return {k.removesuffix(".lora_E"): int(sum(v)) for k, v in pattern.items()}
+        if config.rank_pattern:  # {"<module>.lora_E[.<adapter>]": [kept?] * init_r}
+            return {k.split(".lora_E")[0]: int(sum(v)) for k, v in config.rank_pattern.items()}
         return {
-            n.removesuffix(".lora_E." + model.active_adapter): config.init_r
-            for n, _ in model.named_parameters()
-            if n.endswith(".lora_E." + model.active_adapter)
+            n.split(".lora_E")[0]: config.init_r
+            for n, _ in model.base_model.model.named_parameters()
+            if ".lora_E." in n
         }
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        """As LoRA's; the modules come back at their pruned ranks (PEFT's generic rank_pattern
+        check does not know AdaLoRA's keys and warns that they match nothing: they do)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+            return super().load(model, directory)
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         ranks = self.rank_allocation(model)

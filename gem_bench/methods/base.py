@@ -32,7 +32,12 @@ class Method:
         return [p for p in model.parameters() if p.requires_grad]
 
     def on_step(self, model: nn.Module, global_step: int) -> None:
-        """Called after every optimizer step (AdaLoRA's rank update)."""
+        """Called after every optimizer step, before the gradients are cleared (AdaLoRA's rank
+        update reads them); ``global_step`` counts the steps done, this one included."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the training loss (AdaLoRA's orthogonality penalty), or None."""
+        return None
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Only this method's own trainable state (what a checkpoint must hold)."""

@@ -34,4 +34,4 @@ class FullFineTune(Method):
     def summary(self, model: nn.Module) -> dict[str, Any]:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return {"total_params": total, "trainable_params": trainable, "trainable_ratio": trainable / total}
+        return {"trainable": trainable, "total": total, "ratio": trainable / total}

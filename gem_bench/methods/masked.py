@@ -44,6 +44,7 @@ class MaskedMethod(Method):
         if not 0 < cfg.ratio <= 1:
             raise ConfigError(f"method.ratio={cfg.ratio!r} must be in (0, 1]")
         self.selection: masking.Selection | None = None
+        self._initial_grads: dict[str, torch.Tensor] = {}
 
     def _generator(self) -> torch.Generator | None:
         return None
@@ -73,10 +74,29 @@ class MaskedMethod(Method):
             allocation=self.cfg.allocation,
             generator=self._generator(),
         )
-        sparse.attach_sparse_deltas(
+        attached = sparse.attach_sparse_deltas(
             model, self.selection.indices, grad_mode=self.cfg.sparse_grad, delta_init=self.cfg.delta_init
         )
+        # The initial gradient at the trained entries, for figure2_stats' loss reduction.
+        self._initial_grads = {
+            name: grads[f"{name}.weight"].reshape(-1)[m.indices.to(grads[f"{name}.weight"].device)]
+            .to(m.weight.device, torch.float64)
+            for name, m in attached.items()
+        }
         return model
+
+    @torch.no_grad()
+    def figure2_stats(self, model: nn.Module) -> dict[str, float]:
+        """Figure 2 of the paper over the trained entries, with w_0 the pretrained weights and
+        w_t - w_0 the delta: the relative weight change ||(w_t - w_0) / w_0||_2 (|w_0| + 1e-8, as
+        in rho) and the first-order loss reduction |g_0 . (w_t - w_0)|, g_0 the calibration gradient."""
+        change_sq, drop = 0.0, 0.0
+        for name, m in sparse.sparse_modules(model).items():
+            step = m.delta.double()
+            w0 = m.weight.reshape(-1)[m.indices].double()
+            change_sq += float((step / (w0.abs() + 1e-8)).square().sum())
+            drop += float((self._initial_grads[name] * step).sum())
+        return {"relative_weight_change": change_sq**0.5, "loss_reduction": abs(drop)}
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return sparse.delta_parameters(model)

@@ -5,7 +5,7 @@ on its tokens after ``continuation(prompt, target)``) and the ``references`` its
 ``postprocess`` turns a raw generation into the prediction; it is idempotent, and ``metrics``
 applies it again so that raw generations score the same. ``stop_sequences`` are the strings at
 which generation may stop early (the generation code decides whether to use them; postprocess
-cuts at them anyway). Scores are percentages (0-100).
+cuts at them anyway). Task metrics are fractions in [0, 1], like every task (metrics.py keeps the official 0-100 scale).
 
 SQuAD (PROTOCOL.md, MeZO's template): ``Title: {title}\\nContext: {context}\\nQuestion:
 {question}\\nAnswer:``; target = the first gold answer; prediction = the generation up to its
@@ -50,6 +50,7 @@ from typing import Any, ClassVar, Sequence
 from gem_bench import metrics as M
 from gem_bench.config import TaskConfig
 from gem_bench.errors import ConfigError
+from gem_bench.sandbox import SandboxLimits, run_programs
 from gem_bench.tasks.base import Example, Task, register_task
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ class Squad(Task):
 
     def metrics(self, examples: list[Example], predictions: list[Any]) -> dict[str, float]:
         predictions = [self.postprocess(p) for p in predictions]
-        return M.squad_metrics(predictions, [ex.references for ex in examples])
+        scores = M.squad_metrics(predictions, [ex.references for ex in examples])
+        # Records hold fractions in [0, 1] like every task; the official script's 0-100 scale is divided out.
+        return {k: v if k.endswith("total") else v / 100 for k, v in scores.items()}
 
 
 @register_task
@@ -123,8 +126,8 @@ class GSM8k(Task):
         answers = [M.gsm8k_prediction(self.postprocess(p)) for p in predictions]
         correct = [a is not None and a == ex.references[0] for a, ex in zip(answers, examples, strict=True)]
         return {
-            "exact_match": 100 * sum(correct) / len(correct),
-            "no_number": 100 * sum(a is None for a in answers) / len(answers),
+            "exact_match": sum(correct) / len(correct),
+            "no_number": sum(a is None for a in answers) / len(answers),
             "total": float(len(correct)),
         }
 
@@ -169,8 +172,8 @@ class MBPP(Task):
             )
         if not cfg.execute_code:
             log.warning(
-                "MBPP: task.execute_code=false, generated programs will NOT be run and pass@k will be "
-                "None; set task.execute_code=true to score them in the sandbox"
+                "MBPP: task.execute_code=false, generated programs will NOT be run and there will be "
+                "no pass@k; set task.execute_code=true to score them in the sandbox"
             )
         self.shot_rows: list[dict[str, Any]] | None = None
         self.data_root: str | None = None
@@ -178,27 +181,24 @@ class MBPP(Task):
 
     def shots(self) -> str:
         """The few-shot preamble (cached)."""
-        if self._shots is None:
-            if self.cfg.num_shots == 0:
-                self._shots = ""
-            else:
-                if self.shot_rows is None:
-                    from gem_bench.data import load_rows  # only MBPP needs a second split
+        if self._shots is not None:
+            return self._shots
+        wanted = MBPP_SHOT_ORDER[: self.cfg.num_shots]
+        if wanted and self.shot_rows is None:
+            # imported here: gem_bench.data pulls in `datasets`, which only this path needs
+            from gem_bench.data import load_rows
 
-                    self.shot_rows = load_rows(
-                        self.cfg.hub_id, self.cfg.hub_config, MBPP_SHOT_SPLIT, self.data_root, self.name
-                    )
-                by_id = {row["task_id"]: row for row in self.shot_rows}
-                wanted = MBPP_SHOT_ORDER[: self.cfg.num_shots]
-                missing = [i for i in wanted if i not in by_id]
-                if missing:
-                    raise ConfigError(
-                        f"MBPP shots: task ids {missing} not in the {MBPP_SHOT_SPLIT} split "
-                        f"(ids {sorted(by_id)}); lower task.num_shots={self.cfg.num_shots}"
-                    )
-                self._shots = "".join(
-                    f"{mbpp_query(by_id[i])}{_code(by_id[i]['code'])}\n[DONE]\n" for i in wanted
-                )
+            self.shot_rows = load_rows(
+                self.cfg.hub_id, self.cfg.hub_config, MBPP_SHOT_SPLIT, self.data_root, self.name
+            )
+        by_id = {row["task_id"]: row for row in self.shot_rows or []}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise ConfigError(
+                f"MBPP shots: task ids {missing} not in the {MBPP_SHOT_SPLIT} split "
+                f"(ids {sorted(by_id)}); lower task.num_shots={self.cfg.num_shots}"
+            )
+        self._shots = "".join(f"{mbpp_query(by_id[i])}{_code(by_id[i]['code'])}\n[DONE]\n" for i in wanted)
         return self._shots
 
     def example(self, row: dict[str, Any]) -> Example:
@@ -225,8 +225,6 @@ class MBPP(Task):
                 len(examples),
             )
             return {"executed": 0.0, "total": float(len(examples))}
-        from gem_bench.sandbox import SandboxLimits, run_programs
-
         programs, owners = [], []
         for i, (ex, progs) in enumerate(zip(examples, samples)):
             for prog in progs:
@@ -241,7 +239,7 @@ class MBPP(Task):
         for k in self.cfg.pass_k:
             scores = [M.pass_at_k(len(s), c, k) for s, c in zip(samples, passed) if len(s) >= k]
             if scores:  # tasks with fewer than k samples have no pass@k
-                out[f"pass@{k}"] = 100 * sum(scores) / len(scores)
+                out[f"pass@{k}"] = sum(scores) / len(scores)
         out["total"] = float(len(examples))
         out["sandbox_errors"] = float(sum(r.status == "error" for r in results))
         out["sandbox_timeouts"] = float(sum(r.status == "timeout" for r in results))
