@@ -100,6 +100,7 @@ class MethodConfig:
     adapter_size: int = 8
     # bitfit
     bias_patterns: list[str] = field(default_factory=list)
+    add_biases: list[str] = field(default_factory=list)  # bias-free models: Linear names that get a zero bias
 
 
 @dataclass

@@ -49,17 +49,27 @@ def truncate_prompt(tokenizer: Any, prompt_ids: list[int], budget: int) -> list[
 
 
 def encode(
-    tokenizer: Any, prompt: str, texts: Sequence[str], max_length: int, suffix_ids: Sequence[int] = ()
+    tokenizer: Any,
+    prompt: str,
+    texts: Sequence[str],
+    max_length: int,
+    suffix_ids: Sequence[int] = (),
+    cut_long_continuations: bool = False,
 ) -> tuple[list[int], list[list[int]]]:
     """Prompt ids and one continuation id list per text (each followed by ``suffix_ids``).
 
     The prompt is truncated from the left so that it fits with the LONGEST continuation in
-    ``max_length``; all continuations thus share the same prompt tokens."""
+    ``max_length``; all continuations thus share the same prompt tokens. With
+    ``cut_long_continuations`` (training targets: a long GSM8k solution or MBPP program), a
+    continuation that would leave the prompt less than half of ``max_length`` is cut at its end."""
     prompt_ids = list(tokenizer(prompt).input_ids)
     conts = [
         list(tokenizer(continuation(prompt, text), add_special_tokens=False).input_ids) + list(suffix_ids)
         for text in texts
     ]
+    if cut_long_continuations:
+        cap = max(1, max_length - min(len(prompt_ids), max_length // 2))
+        conts = [c[:cap] for c in conts]
     longest = max((len(c) for c in conts), default=0)
     if longest + 1 > max_length:
         raise ConfigError(
@@ -234,7 +244,7 @@ def target_loss(
     suffix = _target_suffix(tokenizer, end_text, append_eos)
     prompts, conts = [], []
     for ex in examples:
-        prompt_ids, (cont_ids,) = encode(tokenizer, ex.prompt, [gold_text(ex)], max_length, suffix)
+        prompt_ids, (cont_ids,) = encode(tokenizer, ex.prompt, [gold_text(ex)], max_length, suffix, cut_long_continuations=True)
         prompts.append(prompt_ids)
         conts.append(cont_ids)
     token_lp, valid = _continuation_logprobs(model, prompts, conts, _pad_id(tokenizer))
@@ -261,7 +271,7 @@ def calibration_batch(
     suffix = _target_suffix(tokenizer, end_text, append_eos)
     rows = []
     for ex in examples:
-        prompt_ids, (cont_ids,) = encode(tokenizer, ex.prompt, [gold_text(ex)], max_length, suffix)
+        prompt_ids, (cont_ids,) = encode(tokenizer, ex.prompt, [gold_text(ex)], max_length, suffix, cut_long_continuations=True)
         rows.append(prompt_ids + cont_ids)
     input_ids, attention_mask = _right_pad(rows, _pad_id(tokenizer))
     labels = input_ids.masked_fill(attention_mask == 0, -100)

@@ -66,7 +66,19 @@ class BitFit(Method):
             )
         return chosen
 
+    def add_missing_biases(self, model: nn.Module) -> int:
+        """Bias-free models (Llama/SmolLM2) have nothing for BitFit to train: give the Linear
+        layers named in ``add_biases`` a zero bias, so the model starts unchanged. Returns the count."""
+        added = 0
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module.bias is None and name.split(".")[-1] in self.cfg.add_biases:
+                weight = module.weight
+                module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+                added += 1
+        return added
+
     def prepare(self, model: nn.Module, calibrate: CalibrationFn | None = None) -> nn.Module:
+        self.add_missing_biases(model)
         chosen = set(self.bias_names(model))
         for n, p in model.named_parameters():
             p.requires_grad_(n in chosen)
@@ -101,5 +113,6 @@ class BitFit(Method):
         return {
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "bias_patterns": list(self.cfg.bias_patterns),
+            "added_biases": list(self.cfg.add_biases),
             "num_bias_tensors": len(names),
         }

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gem_bench import masking, sparse
+from gem_bench.config import MethodConfig, ModelConfig
 from gem_bench.errors import ConfigError
 from gem_bench.methods.base import CalibrationFn, Method, register_method
 
@@ -27,7 +28,7 @@ class MaskedMethod(Method):
     strategy: ClassVar[str]
     needs_calibration = True
 
-    def __init__(self, cfg, model_cfg, seed: int = 0):
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig, seed: int = 0):
         super().__init__(cfg, model_cfg, seed)
         if cfg.sparse_grad not in sparse.GRAD_MODES:
             raise ConfigError(
