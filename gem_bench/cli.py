@@ -19,6 +19,7 @@ from gem_bench.config import register_configs
 from gem_bench.errors import GemBenchError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+EXIT_PREEMPTED = 3  # the run stopped on SIGTERM/SIGUSR2 after a checkpoint; not a failure
 
 register_configs()
 
@@ -39,6 +40,9 @@ def _run(cfg: DictConfig) -> float | None:
     except RunBusy as exc:  # another sweep owns this cell: it runs once, there
         print(f"[gem-bench] skipped: {exc}")
         return None
+    except train.Preempted as exc:  # checkpointed: a requeued job (or the same command) resumes it
+        print(f"[gem-bench] preempted: {exc}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except GemBenchError as exc:
         _fail(exc)
     if record and record.get("status") == "finished":
@@ -82,6 +86,9 @@ def main() -> None:
             _fail(exc)
     else:
         _run()
+        from gem_bench.train import end_processes
+
+        end_processes()
 
 
 if __name__ == "__main__":

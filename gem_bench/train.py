@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig, OmegaConf
 
 from gem_bench import checkpoint as ckpt
@@ -94,6 +94,15 @@ def run(cfg: DictConfig, method_choice: str | None = None) -> dict[str, Any] | N
     finally:
         if claim:
             claim.release()
+
+
+def end_processes() -> None:
+    """At the end of a multi-process command (after every run of it): wait for all processes,
+    then close the process group, so that no process exits while another still needs it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        state = PartialState()
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 def _check_writable(results: Path) -> None:
