@@ -65,8 +65,8 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "one_pass_speedup": ("scoring speed-up, one pass vs per candidate", ">=", 1.8),
     "delta_bytes_per_entry": ("delta file bytes per selected entry (without header)", "<=", 12.0),
 }
-FULL = dict(rounds=3, warmup=1, steps=3, scoring_examples=64, scoring_reps=3, selection_reps=3)
-SHORT = dict(rounds=1, warmup=1, steps=2, scoring_examples=32, scoring_reps=2, selection_reps=2)
+FULL = dict(rounds=2, warmup=1, steps=2, scoring_examples=64, scoring_reps=2, selection_reps=3)
+SHORT = dict(rounds=1, warmup=1, steps=1, scoring_examples=16, scoring_reps=1, selection_reps=2)
 NUM_EXAMPLES, SEQ_TOKENS = 8, 48  # 8 SST-2 examples x 2 candidates = 16 sequences of 48 tokens
 POOL = 2000  # training examples searched for prompts that fill 48 tokens
 
@@ -127,7 +127,8 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _median_time(fn, reps: int, device: str) -> list[float]:
+def _timed(fn, reps: int, device: str) -> list[float]:
+    """Seconds of each of ``reps`` calls (the device synchronised around each)."""
     times = []
     for _ in range(reps):
         _sync(device)
@@ -169,14 +170,26 @@ def _train_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     total_params = count_parameters(model)
 
     grads: dict[str, torch.Tensor] = {}
+    result: dict[str, Any] = {}
 
     def calibrate(net, names):
         batch = scoring.calibration_batch(tokenizer, examples, SEQ_TOKENS)
+        t0 = time.perf_counter()
         grads.update(sparse.calibration_gradients(net, [batch], list(cfg.method.target_modules)))
+        result["calibration_s"] = time.perf_counter() - t0
         return {name: grads[name] for name in names}
 
     method = METHODS[method_name](cfg.method, cfg.model, seed=cfg.seed)
     model = method.prepare(model, calibrate if method.needs_calibration else None)
+    if variant == "gem":
+        weights = {name: model.get_submodule(name.rpartition(".")[0]).weight.detach() for name in grads}
+
+        def select() -> None:
+            masking.select(weights, grads, total_params, cfg.method.ratio, "gem", cfg.method.allocation)
+
+        result["selection_s"] = _timed(select, args.selection_reps, args.device)
+    grads.clear()  # a real run drops the calibration gradients once the mask is chosen
+
     trainable = method.trainable_parameters(model)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.method.lr, weight_decay=0.0)
     model.train()
@@ -188,26 +201,19 @@ def _train_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    _median_time(step, args.warmup, args.device)
-    step_s = _median_time(step, args.steps, args.device)
-    result: dict[str, Any] = {
-        "step_s": step_s,
-        "peak_rss_mib": _peak_rss_mib(),
-        "rss_after_load_mib": rss_loaded,
-        "trainable": sum(p.numel() for p in trainable),
-        "total_params": total_params,
-        "sequences": sum(len(ex.candidates) for ex in examples),
-        "tokens_per_sequence": SEQ_TOKENS,
-    }
+    _timed(step, args.warmup, args.device)
+    result["step_s"] = _timed(step, args.steps, args.device)
+    result.update(
+        peak_rss_mib=_peak_rss_mib(),
+        rss_after_load_mib=rss_loaded,
+        trainable=sum(p.numel() for p in trainable),
+        total_params=total_params,
+        sequences=sum(len(ex.candidates) for ex in examples),
+        tokens_per_sequence=SEQ_TOKENS,
+    )
     if args.device.startswith("cuda"):
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if variant == "gem":
-        weights = {name: model.get_submodule(name.rpartition(".")[0]).weight.detach() for name in grads}
-
-        def select() -> None:
-            masking.select(weights, grads, total_params, cfg.method.ratio, "gem", cfg.method.allocation)
-
-        result["selection_s"] = _median_time(select, args.selection_reps, args.device)
         result["delta"] = _delta_file_bytes(model)
     return result
 
@@ -224,13 +230,15 @@ def _scoring_worker(args: argparse.Namespace) -> dict[str, Any]:
     batch = cfg.train.eval_batch_size
     out: dict[str, Any] = {"one_pass_s": [], "per_candidate_s": [], "examples": len(examples), "batch_size": batch}
     scores = {}
+    for one_pass in (True, False):  # warm-up on a few examples: first-call costs are not scoring's
+        scoring.score_candidates(model, tokenizer, examples[:4], batch, cfg.task.max_length, one_pass)
     for _ in range(args.scoring_reps):  # alternate, so both paths see the same machine load
         for key, one_pass in (("one_pass_s", True), ("per_candidate_s", False)):
 
             def run(one_pass=one_pass, key=key) -> None:
                 scores[key] = scoring.score_candidates(model, tokenizer, examples, batch, cfg.task.max_length, one_pass)
 
-            out[key] += _median_time(run, 1, args.device)
+            out[key] += _timed(run, 1, args.device)
     diffs = [abs(a - b) for x, y in zip(scores["one_pass_s"], scores["per_candidate_s"]) for a, b in zip(x, y)]
     out["max_abs_score_diff"] = max(diffs)
     out["peak_rss_mib"] = _peak_rss_mib()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def _run(cfg: DictConfig) -> float | None:
     from gem_bench.records import RunBusy
 
     choice = HydraConfig.get().runtime.choices.get("method", cfg.method.name)
+    _join_slurm_tasks()
     try:
         record = train.run(cfg, choice)
     except RunBusy as exc:  # another sweep owns this cell: it runs once, there
@@ -48,6 +50,16 @@ def _run(cfg: DictConfig) -> float | None:
     if record and record.get("status") == "finished":
         return record["metrics"]["test"].get(cfg.task.metric)
     return None
+
+
+def _join_slurm_tasks() -> None:
+    """A Slurm job of several tasks (``hydra.launcher.tasks_per_node=<GPUs>``) runs this job in one
+    process per task: submitit exports the torch.distributed variables (rank, world size, master
+    address) so that Accelerate makes them one data-parallel run."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def compose(overrides: list[str]) -> DictConfig:

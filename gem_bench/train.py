@@ -68,9 +68,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"task.num_train={cfg.task.num_train} must be at least 1")
 
 
-def run_location(cfg: DictConfig, method_choice: str) -> Path:
+def run_location(cfg: DictConfig, method_choice: str, num_processes: int = 1) -> Path:
     plain = OmegaConf.to_container(cfg, resolve=True)
     variant = records.variant_name(plain)
+    if num_processes > 1:  # data-parallel: each step sees num_processes batches, so results differ
+        variant += f"-np{num_processes}"
     return records.run_dir(cfg.results_dir, cfg.model.name, cfg.task.name, method_choice, variant, cfg.seed)
 
 
@@ -78,8 +80,8 @@ def run(cfg: DictConfig, method_choice: str | None = None) -> dict[str, Any] | N
     """Run one experiment unless its record says it finished; return the record (main process)."""
     validate(cfg)
     method_choice = method_choice or cfg.method.name
-    directory = run_location(cfg, method_choice)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+    directory = run_location(cfg, method_choice, accelerator.num_processes)
     main = accelerator.is_main_process
     if records.finished(directory) and not cfg.rerun:
         if main:

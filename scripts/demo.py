@@ -14,6 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["gem", "random_mask", "full"]
+# Its own results folder (git-ignored), so that the demo trains even where results/runs already
+# holds the same runs from the table3_cpu sweep; a second `make demo` only prints the table.
+RESULTS = ROOT / "outputs" / "demo"
 
 
 def main() -> int:
@@ -22,7 +25,7 @@ def main() -> int:
     command = [
         sys.executable, "-m", "gem_bench.cli", "-m",
         "model=smollm2-135m", "task=sst2", f"method={','.join(METHODS)}", "profile=cpu",
-        "experiment_name=demo", *extra,
+        f"results_dir={RESULTS}", "experiment_name=demo", "hydra.sweep.dir=outputs/demo/sweep", *extra,
     ]
     print("$", " ".join(command[2:]), flush=True)
     result = subprocess.run(command, cwd=ROOT)
@@ -30,7 +33,7 @@ def main() -> int:
         return result.returncode
     rows = []
     for method in METHODS:
-        found = sorted((ROOT / "results" / "runs" / "smollm2-135m" / "sst2" / method).glob("cpu-*/seed28/record.json"))
+        found = sorted((RESULTS / "runs" / "smollm2-135m" / "sst2" / method).glob("cpu-*/seed28/record.json"))
         if not found:
             rows.append((method, "missing", "", "", ""))
             continue
@@ -50,7 +53,7 @@ def main() -> int:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print(" | ".join(str(v).ljust(w) for v, w in zip(row, widths)))
-    print(f"demo wall time: {time.time() - started:.0f} s (records under results/runs/smollm2-135m/sst2/)")
+    print(f"demo wall time: {time.time() - started:.0f} s (records under {RESULTS.relative_to(ROOT)}/runs/)")
     return 0
 
 

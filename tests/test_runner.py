@@ -77,3 +77,18 @@ def test_a_diverging_run_ends_with_a_failure_record(tmp_path, mirror):
     assert record["failure"]["step"] >= 1
     assert records.read_record(train.run_location(cfg, "full") / records.RECORD_NAME)["status"] == "failed"
     assert not records.finished(train.run_location(cfg, "full"))  # a re-submitted sweep retries it
+
+
+@pytest.mark.slow
+def test_embedded_default_on_real_sst2(tmp_path, mirror):
+    """SmolLM2-135M (fetched from PyPI and converted on first use) fine-tuned with GEM on SST-2."""
+    cfg = compose(
+        "model=smollm2-135m", "task=sst2", "method=gem", "profile=cpu", f"results_dir={tmp_path}",
+        "train.max_steps=2", "task.num_dev=16", "task.num_test=32",
+    )
+    record = train.run(cfg, "gem")
+    assert record["status"] == "finished", record.get("failure")
+    assert record["params"]["total"] == 134_515_008
+    ks = sum(m["k"] for m in record["method_summary"]["allocation"])
+    assert 134_515 - 60 <= ks <= 134_515  # floor(r N) within one per matrix (60 q/v matrices)
+    assert 0.0 <= record["metrics"]["test"]["accuracy"] <= 1.0
