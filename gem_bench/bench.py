@@ -1,7 +1,7 @@
 """``make bench``: step time and peak memory of GEM against its baselines, in one run.
 
-    python -m gem_bench.bench --name cpu-smollm2            the embedded default, a few minutes
-    python -m gem_bench.bench --name ci --short             the CI variant, about 2-3 minutes
+    python -m gem_bench.bench --name cpu-smollm2            the embedded default: 2 rounds x 2 steps
+    python -m gem_bench.bench --name ci --short             the CI variant: 1 round x 1 step
     python -m gem_bench.bench --name gpu --model opt-1.3b --random-weights --dtype bfloat16 --device cuda
 
 Every measurement runs in its own worker process (``--worker <variant>``), so that each
@@ -312,8 +312,11 @@ def summarise(raw: dict[str, list[dict]], cuda: bool) -> dict[str, Any]:
     for variant, runs in raw.items():
         if variant == SCORING:
             continue
+        steps = [t for run in runs for t in run["step_s"]]
         variants[variant] = {
-            "step_s": statistics.median(t for run in runs for t in run["step_s"]),
+            "step_s": statistics.median(steps),
+            "min_step_s": min(steps),  # the spread shows how much other load on the machine moved the timings
+            "max_step_s": max(steps),
             "peak_rss_mib": statistics.median(run["peak_rss_mib"] for run in runs),
             "peak_memory_mib": statistics.median(run[memory_key] for run in runs),
             "trainable": runs[0]["trainable"],
@@ -365,11 +368,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"Medians over {report['settings']['rounds']} interleaved round(s) x {report['settings']['steps']} timed step(s), "
         "one process per variant and round.",
         "",
-        f"| variant | trainable | s/step | {memory} |",
-        "|---|---:|---:|---:|",
+        f"| variant | trainable | s/step | min-max s/step | {memory} |",
+        "|---|---:|---:|---:|---:|",
     ]
     for variant, v in s["variants"].items():
-        lines.append(f"| {LABELS[variant]} | {v['trainable']:,} | {_fmt(v['step_s'])} | {v['peak_memory_mib']:.0f} |")
+        spread = f"{_fmt(v['min_step_s'], 2)}-{_fmt(v['max_step_s'], 2)}"
+        lines.append(
+            f"| {LABELS[variant]} | {v['trainable']:,} | {_fmt(v['step_s'])} | {spread} | {v['peak_memory_mib']:.0f} |"
+        )
     lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
     for r in s["ratios"].values():
         met = "n/a" if r["met"] is None else ("met" if r["met"] else "not met")

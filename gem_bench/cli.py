@@ -3,6 +3,7 @@
     gem-bench model=smollm2-135m task=sst2 method=gem seed=28      one run
     gem-bench -m +experiment=table3_cpu                           a sweep (Hydra multirun)
     gem-bench params model=opt-1.3b method=lora                   trainable share, offline
+    gem-bench params --table                                      the same for every model x method
     gem-bench report --experiment table3_cpu                      tables and figures from records
 """
 
@@ -72,8 +73,11 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def params_main(argv: list[str]) -> None:
-    from gem_bench.params import trainable_share
+    from gem_bench.params import table, trainable_share
 
+    if argv == ["--table"]:  # every model x Table 3 method, as the README shows it
+        print(table(compose))
+        return
     try:
         cfg = compose(argv)
         share = trainable_share(cfg.model, cfg.method)

@@ -71,10 +71,10 @@ def test_short_bench_writes_json_and_markdown(mirror_env, cached_splits, restore
         assert r["value"] is not None and r["value"] > 0 and isinstance(r["met"], bool)
     assert ratios["delta_bytes_per_entry"]["value"] == 8.0  # int32 index + fp32 value
     for v in report["summary"]["variants"].values():
-        assert v["step_s"] > 0 and v["peak_rss_mib"] > 0
+        assert 0 < v["min_step_s"] <= v["step_s"] <= v["max_step_s"] and v["peak_rss_mib"] > 0
 
     md = (tmp_path / "ci-test.md").read_text()
-    assert "| variant | trainable | s/step | peak RSS (MiB) |" in md
+    assert "| variant | trainable | s/step | min-max s/step | peak RSS (MiB) |" in md
     assert "| GEM / LoRA step time |" in md and "python -m gem_bench.bench --name ci-test" in md
 
 
