@@ -27,7 +27,7 @@ def main() -> int:
         "model=smollm2-135m", "task=sst2", f"method={','.join(METHODS)}", "profile=cpu",
         f"results_dir={RESULTS}", "experiment_name=demo", "hydra.sweep.dir=outputs/demo/sweep", *extra,
     ]
-    print("$", " ".join(command[2:]), flush=True)
+    print("$ gem-bench", " ".join(command[3:]), flush=True)
     result = subprocess.run(command, cwd=ROOT)
     if result.returncode != 0:
         return result.returncode
