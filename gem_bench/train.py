@@ -96,6 +96,9 @@ def run(cfg: DictConfig, method_choice: str | None = None) -> dict[str, Any] | N
     finally:
         if claim:
             claim.release()
+        # A multirun calls run() many times in one process: drop the models and optimizers that
+        # Accelerate keeps references to, or every run's model stays in memory.
+        accelerator.free_memory()
 
 
 def end_processes() -> None:
