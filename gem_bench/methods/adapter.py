@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from gem_bench.errors import ConfigError
-from gem_bench.methods.base import CalibrationFn, Method, register_method
-from gem_bench.methods.bitfit import load_trainable_state, trainable_state_dict
+from gem_bench.methods.base import CalibrationFn, TrainableTensorsMethod, register_method
 
 STATE_FILE = "adapter.safetensors"
 
@@ -51,8 +50,9 @@ class HoulsbyAdapter(nn.Module):
 
 
 @register_method
-class Adapter(Method):
+class Adapter(TrainableTensorsMethod):
     name = "adapter"
+    state_file = STATE_FILE
 
     def target_modules(self, model: nn.Module) -> list[str]:
         if self.cfg.target_modules:
@@ -84,19 +84,8 @@ class Adapter(Method):
             )
         return model
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_state_dict(model)
-
-    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(model, state)
-
-    def save(self, model: nn.Module, directory: Path) -> Path:
-        path = Path(directory) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"method": self.name, "adapter_size": str(self.cfg.adapter_size),
-                "target_modules": json.dumps(self.target_modules(model))}
-        save_file(self.state_dict(model), str(path), metadata=meta)
-        return path
+    def save_metadata(self, model: nn.Module) -> dict[str, str]:
+        return {"adapter_size": str(self.cfg.adapter_size), "target_modules": json.dumps(self.target_modules(model))}
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         """Wrap a fresh base model and put the saved adapters in; returns the wrapped model."""

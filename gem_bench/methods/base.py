@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from safetensors.torch import save_file
+
 import torch
 from torch import nn
 
@@ -53,6 +55,47 @@ class Method:
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """Facts for the record: trainable count, allocation, ranks..."""
         return {}
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name, detached and on the CPU (checkpoint-ready)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's trainable parameters; the two name sets must agree exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"state does not fit the model: missing {missing[:3]} ({len(missing)} in all), "
+            f"unexpected {unexpected[:3]} ({len(unexpected)} in all)"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n].to(p.device, p.dtype))
+
+
+class TrainableTensorsMethod(Method):
+    """A method whose state is exactly its trainable parameters (BitFit, Adapter), saved as one
+    small safetensors file ``state_file`` with ``save_metadata`` in its header."""
+
+    state_file: ClassVar[str]
+
+    def save_metadata(self, model: nn.Module) -> dict[str, str]:
+        return {}
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return trainable_state_dict(model)
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(model, state)
+
+    def save(self, model: nn.Module, directory: Path) -> Path:
+        path = Path(directory) / self.state_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_dict(model), str(path), metadata={"method": self.name, **self.save_metadata(model)})
+        return path
 
 
 METHODS: dict[str, type[Method]] = {}

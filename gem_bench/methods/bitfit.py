@@ -1,7 +1,5 @@
 """BitFit (Zaken et al. 2022): only bias terms train; which ones is a list of name patterns.
 
-Also home of the two small helpers every "train a few named tensors" baseline shares:
-the state of a method is exactly the parameters that require a gradient.
 """
 
 from __future__ import annotations
@@ -12,32 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from gem_bench.errors import ConfigError
-from gem_bench.methods.base import CalibrationFn, Method, register_method
+from gem_bench.methods.base import CalibrationFn, TrainableTensorsMethod, register_method
 
 STATE_FILE = "bitfit.safetensors"
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name, detached and on the CPU (checkpoint-ready)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the model's trainable parameters; the two name sets must agree exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"state does not fit the model: missing {missing[:3]} ({len(missing)} in all), "
-            f"unexpected {unexpected[:3]} ({len(unexpected)} in all)"
-        )
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state[n].to(p.device, p.dtype))
 
 
 def freeze_all(model: nn.Module) -> None:
@@ -46,12 +25,13 @@ def freeze_all(model: nn.Module) -> None:
 
 
 @register_method
-class BitFit(Method):
+class BitFit(TrainableTensorsMethod):
     """Trains the biases whose parameter name matches one of ``cfg.bias_patterns`` (regular
     expressions, ``re.search``). The frozen rest stays as it is, so the trained model is itself
     the merged model."""
 
     name = "bitfit"
+    state_file = STATE_FILE
 
     def bias_names(self, model: nn.Module) -> list[str]:
         patterns = [re.compile(p) for p in self.cfg.bias_patterns]
@@ -84,18 +64,8 @@ class BitFit(Method):
             p.requires_grad_(n in chosen)
         return model
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return trainable_state_dict(model)
-
-    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(model, state)
-
-    def save(self, model: nn.Module, directory: Path) -> Path:
-        path = Path(directory) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"method": self.name, "bias_patterns": json.dumps(list(self.cfg.bias_patterns))}
-        save_file(self.state_dict(model), str(path), metadata=meta)
-        return path
+    def save_metadata(self, model: nn.Module) -> dict[str, str]:
+        return {"bias_patterns": json.dumps(list(self.cfg.bias_patterns))}
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         """Put a saved update onto a fresh base model; returns the model (biases replaced)."""

@@ -10,8 +10,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
 from gem_bench.errors import ConfigError
-from gem_bench.methods.base import CalibrationFn, Method, register_method
-from gem_bench.methods.bitfit import load_trainable_state, trainable_state_dict
+from gem_bench.methods.base import CalibrationFn, Method, load_trainable_state, register_method, trainable_state_dict
 
 PEFT_WEIGHTS = "adapter_model.safetensors"  # the file PEFT's save_pretrained writes
 
