@@ -32,11 +32,10 @@ def predict(model: nn.Module, tokenizer: Any, task: Task, examples: list[Example
         num_samples=cfg.task.num_samples,
         temperature=cfg.task.temperature,
         seed=cfg.seed,
-        stop_strings=getattr(task, "stop_sequences", ("\n",)),
+        stop_strings=task.stop_sequences,
         max_length=cfg.task.max_length,
     )
-    post = getattr(task, "postprocess", str.strip)
-    outputs = [[post(text) for text in per_example] for per_example in samples]
+    outputs = [[task.postprocess(text) for text in per_example] for per_example in samples]
     return [out if cfg.task.num_samples > 1 else out[0] for out in outputs]
 
 

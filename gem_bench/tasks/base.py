@@ -41,8 +41,16 @@ class Task:
     name: ClassVar[str]
     kind: ClassVar[str]  # "classification" | "generation"
 
+    # Generation: the strings at which an answer ends (generation stops there early).
+    stop_sequences: ClassVar[tuple[str, ...]] = ("\n",)
+
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+        self.data_root: str | None = None  # where a task that reads a further split (MBPP's shots) finds it
+
+    def postprocess(self, text: str) -> str:
+        """A raw generation -> the prediction that the metrics score."""
+        return text.strip()
 
     def example(self, row: dict[str, Any]) -> Example:
         raise NotImplementedError

@@ -176,7 +176,6 @@ class MBPP(Task):
                 "no pass@k; set task.execute_code=true to score them in the sandbox"
             )
         self.shot_rows: list[dict[str, Any]] | None = None
-        self.data_root: str | None = None
         self._shots: str | None = None
 
     def shots(self) -> str:
